@@ -1,0 +1,378 @@
+"""Load and normalise an ONNX model, and answer questions about its forward graph.
+
+Everything downstream (targets, backward rules, export) reads the forward graph through `ForwardGraph`:
+which node produces a tensor, its static shape and dtype, and the value of constant tensors.
+Normalising means: a private copy of the model, an opset our rules understand, every node named, the image
+input's spatial dimensions fixed, a dynamic batch dimension, and shapes inferred for every tensor.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import onnx
+from onnx import numpy_helper, shape_inference, version_converter
+
+from .errors import GbpError, InputError, ModelLoadError
+
+ModelLike = Union[str, os.PathLike, onnx.ModelProto]
+
+#: Oldest opset the gradient rules are written for; older models are converted up to it.
+#: 17 gives ScatterElements(reduction="add"), LayerNormalization and axes-as-input for ReduceSum.
+MIN_OPSET = 17
+#: Newest IR version the pinned ONNX Runtime (1.31) accepts; onnx 1.23 writes 14, which it refuses.
+MAX_IR_VERSION = 13
+
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+BATCH_DIM = "N"
+
+Shape = tuple  # of int (static) or None (dynamic: the batch dimension, or unknown)
+
+
+def load_model(model: ModelLike) -> onnx.ModelProto:
+    """Read a model from a path (with its external data) or copy a ModelProto. Never modifies the source."""
+    if isinstance(model, onnx.ModelProto):
+        return copy.deepcopy(model)
+    path = Path(model)
+    if not path.is_file():
+        raise ModelLoadError(f"No such model file: {path}")
+    try:
+        proto = onnx.load(str(path), load_external_data=True)
+    except Exception as exc:  # protobuf raises DecodeError, external data raises FileNotFoundError/ValidationError
+        raise ModelLoadError(f"{path} is not a readable ONNX model: {exc}") from exc
+    if not proto.graph.node:
+        raise ModelLoadError(f"{path} is not an ONNX model (no graph nodes found).")
+    return proto
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    raise ModelLoadError("The model imports no ai.onnx opset.")
+
+
+def _upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    if opset_of(model) >= MIN_OPSET:
+        return model
+    try:
+        converted = version_converter.convert_version(model, MIN_OPSET)
+    except Exception as exc:
+        raise ModelLoadError(f"Could not convert the model from opset {opset_of(model)} to {MIN_OPSET}: {exc}") from exc
+    return converted
+
+
+def _name_everything(graph: onnx.GraphProto) -> None:
+    """Give every node a unique name, so error messages and metadata can point at nodes."""
+    taken: set[str] = set()
+    for i, node in enumerate(graph.node):
+        name = node.name or f"{node.op_type}_{i}"
+        while name in taken:
+            name = f"{name}_{i}"
+        node.name = name
+        taken.add(name)
+
+
+def _dims(value_info: onnx.ValueInfoProto) -> Shape | None:
+    t = value_info.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
+
+
+def _set_dims(value_info: onnx.ValueInfoProto, dims: Shape) -> None:
+    shape = value_info.type.tensor_type.shape
+    del shape.dim[:]
+    for d in dims:
+        dim = shape.dim.add()
+        if d is None:
+            dim.dim_param = BATCH_DIM
+        else:
+            dim.dim_value = int(d)
+
+
+def pick_image_input(model: onnx.ModelProto, name: str | None = None) -> onnx.ValueInfoProto:
+    """The graph input to explain: by name, else the first float input of rank 4, else the first float input."""
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if name is not None:
+        for i in inputs:
+            if i.name == name:
+                return i
+        raise InputError(f"The model has no input named {name!r}; its inputs are {[i.name for i in inputs]}.")
+    floats = [i for i in inputs if i.type.tensor_type.elem_type in FLOAT_TYPES]
+    rank4 = [i for i in floats if (_dims(i) is not None and len(_dims(i)) == 4)]
+    if rank4 or floats:
+        return (rank4 or floats)[0]
+    raise InputError(f"The model has no float input to explain; its inputs are {[i.name for i in inputs]}.")
+
+
+def detect_layout(dims: Shape, consumers: list[onnx.NodeProto]) -> str:
+    """NCHW or NHWC for a rank-4 image input. A Transpose to NCHW right after the input settles it;
+    otherwise the axis holding 1, 3 or 4 channels does."""
+    if len(dims) != 4:
+        return "NC..."
+    for node in consumers:
+        if node.op_type == "Transpose":
+            perm = [a.ints for a in node.attribute if a.name == "perm"]
+            if perm and list(perm[0]) == [0, 3, 1, 2]:
+                return "NHWC"
+    c_first, c_last = dims[1], dims[3]
+    if c_last in (1, 3, 4) and c_first not in (1, 3, 4):
+        return "NHWC"
+    return "NCHW"
+
+
+@dataclass
+class ForwardGraph:
+    """A normalised private copy of the user's model and the facts the gradient rules need."""
+
+    model: onnx.ModelProto
+    input_name: str
+    input_shape: Shape  # batch is None, the rest static
+    layout: str
+    fixed_batch: int | None  # the model's batch size when it could not be made dynamic
+    shapes: dict[str, Shape] = field(default_factory=dict)
+    dtypes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def graph(self) -> onnx.GraphProto:
+        return self.model.graph
+
+    @property
+    def opset(self) -> int:
+        return opset_of(self.model)
+
+    @cached_property
+    def producer(self) -> dict[str, onnx.NodeProto]:
+        return {out: node for node in self.graph.node for out in node.output if out}
+
+    @cached_property
+    def consumers(self) -> dict[str, list[onnx.NodeProto]]:
+        users: dict[str, list[onnx.NodeProto]] = {}
+        for node in self.graph.node:
+            for name in node.input:
+                users.setdefault(name, []).append(node)
+        return users
+
+    @cached_property
+    def _initializers(self) -> dict[str, onnx.TensorProto]:
+        return {t.name: t for t in self.graph.initializer}
+
+    @cached_property
+    def _constant_cache(self) -> dict[str, np.ndarray | None]:
+        return {}
+
+    def const_value(self, name: str) -> np.ndarray | None:
+        """The value of a tensor fixed at export time (initializer, Constant node, or a chain of
+        shape-free ops on those), else None. Graph inputs that shadow initializers are not constant."""
+        if not name:
+            return None
+        cache = self._constant_cache
+        if name in cache:
+            return cache[name]
+        value = None
+        graph_inputs = {i.name for i in self.graph.input}
+        if name in self._initializers and name not in graph_inputs:
+            value = numpy_helper.to_array(self._initializers[name])
+        elif name in self.producer:
+            node = self.producer[name]
+            if node.op_type == "Constant":
+                value = _constant_node_value(node)
+            elif node.op_type in ("Identity", "Cast", "Unsqueeze", "Squeeze", "Reshape", "Concat", "Neg"):
+                value = _fold(self, node)
+        cache[name] = value
+        return value
+
+    def shape(self, name: str) -> Shape:
+        if name not in self.shapes:
+            raise GbpError(f"Shape of tensor {name!r} is unknown after shape inference.")
+        return self.shapes[name]
+
+    def rank(self, name: str) -> int:
+        return len(self.shape(name))
+
+    def is_float(self, name: str) -> bool:
+        return self.dtypes.get(name) in FLOAT_TYPES
+
+    @cached_property
+    def tensor_names(self) -> list[str]:
+        """Every tensor produced by a node, in graph order (candidates for layer targets)."""
+        return [out for node in self.graph.node for out in node.output if out]
+
+
+def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name == "value_float":
+            return np.array(attr.f, dtype=np.float32)
+        if attr.name == "value_floats":
+            return np.array(attr.floats, dtype=np.float32)
+        if attr.name == "value_int":
+            return np.array(attr.i, dtype=np.int64)
+        if attr.name == "value_ints":
+            return np.array(attr.ints, dtype=np.int64)
+    return None
+
+
+def _fold(fwd: ForwardGraph, node: onnx.NodeProto) -> np.ndarray | None:
+    """Evaluate a small op on constant inputs with ONNX's reference implementation."""
+    values = [fwd.const_value(i) if i else None for i in node.input]
+    if any(v is None for i, v in zip(node.input, values) if i):
+        return None
+    from onnx.reference import ReferenceEvaluator
+
+    graph = onnx.helper.make_graph(
+        [node], "fold",
+        [onnx.helper.make_tensor_value_info(f"in{k}", onnx.helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+         for k, v in enumerate(values) if v is not None],
+        [onnx.helper.make_tensor_value_info(node.output[0], onnx.TensorProto.UNDEFINED, None)],
+    )
+    renamed = copy.deepcopy(node)
+    feeds, k = {}, 0
+    for pos, name in enumerate(node.input):
+        if name:
+            renamed.input[pos] = f"in{pos}"
+            feeds[f"in{pos}"] = values[pos]
+            k += 1
+    graph.node[0].CopyFrom(renamed)
+    for vi, (key, val) in zip(graph.input, feeds.items()):
+        vi.name = key
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", fwd.opset)])
+    try:
+        return ReferenceEvaluator(model).run(None, feeds)[0]
+    except Exception:
+        return None
+
+
+def _infer(model: onnx.ModelProto) -> tuple[dict[str, Shape], dict[str, int]]:
+    inferred = shape_inference.infer_shapes(model, data_prop=True)
+    shapes: dict[str, Shape] = {}
+    dtypes: dict[str, int] = {}
+    g = inferred.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        dtypes[vi.name] = vi.type.tensor_type.elem_type
+        dims = _dims(vi)
+        if dims is not None:
+            shapes[vi.name] = dims
+    for init in g.initializer:
+        dtypes[init.name] = init.data_type
+        shapes[init.name] = tuple(init.dims)
+    for node in g.node:
+        if node.op_type == "Constant":
+            value = _constant_node_value(node)
+            if value is not None:
+                shapes[node.output[0]] = value.shape
+                dtypes[node.output[0]] = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+    return shapes, dtypes
+
+
+def _probe_shapes(model: onnx.ModelProto, input_name: str, input_shape: Shape, names: list[str],
+                  dtypes: dict[str, int]) -> dict[str, Shape]:
+    """Fill shapes that static inference left open by running the model at batch 1 and 2: a dim that changes
+    with the batch is dynamic (None), the others are static."""
+    import onnxruntime as ort
+
+    probe = copy.deepcopy(model)
+    existing = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in existing:
+            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, dtypes.get(name, 0), None))
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    feeds_per_batch = []
+    others = {i.name: i for i in session.get_inputs() if i.name != input_name}
+    rng = np.random.default_rng(0)
+    for batch in (1, 2):
+        feeds = {input_name: rng.standard_normal((batch, *input_shape[1:])).astype(np.float32)}
+        for name, arg in others.items():
+            raise GbpError(f"Cannot infer shapes: the model needs input {name!r} besides the image.")
+        feeds_per_batch.append(dict(zip(names, session.run(names, feeds))))
+    found = {}
+    for name in names:
+        a, b = feeds_per_batch[0][name], feeds_per_batch[1][name]
+        if a.ndim != b.ndim:
+            continue
+        found[name] = tuple(None if da != db else da for da, db in zip(a.shape, b.shape))
+    return found
+
+
+def normalise(model: ModelLike, input_name: str | None = None, input_shape: tuple[int, ...] | None = None
+              ) -> ForwardGraph:
+    """Load `model` and bring it into the form the gradient rules expect.
+
+    `input_shape` fixes the image input's dimensions where the model leaves them symbolic (batch excluded:
+    the batch dimension always stays dynamic when the graph allows it).
+    """
+    proto = _upgrade_opset(load_model(model))
+    _name_everything(proto.graph)
+    image = pick_image_input(proto, input_name)
+    dims = _dims(image)
+    if dims is None:
+        raise InputError(f"Input {image.name!r} has no declared rank; pass input_shape=(N, C, H, W).")
+    if input_shape is not None:
+        if len(input_shape) != len(dims):
+            raise InputError(f"Input {image.name!r} has rank {len(dims)}, but the given shape {tuple(input_shape)} "
+                             f"has rank {len(input_shape)}.")
+        for axis, (have, want) in enumerate(zip(dims, input_shape)):
+            if axis > 0 and have is not None and have != want:
+                raise InputError(f"Input {image.name!r} expects size {have} on axis {axis}, got {want} "
+                                 f"(model input shape {_show(dims)}, given {tuple(input_shape)}).")
+        dims = (dims[0],) + tuple(int(d) for d in input_shape[1:])
+    missing = [axis for axis, d in enumerate(dims) if axis > 0 and d is None]
+    if missing:
+        raise InputError(f"Input {image.name!r} has symbolic dimensions on axes {missing} "
+                         f"(shape {_show(dims)}); pass an input shape to fix them.")
+    declared_batch = dims[0]
+    _set_dims(image, (None,) + dims[1:])
+    # Drop stale intermediate shapes: they may carry the old fixed batch or symbolic spatial sizes.
+    del proto.graph.value_info[:]
+    for out in proto.graph.output:
+        out.type.tensor_type.ClearField("shape")
+
+    consumers = [n for n in proto.graph.node if image.name in n.input]
+    fwd = ForwardGraph(proto, image.name, (None,) + dims[1:], detect_layout(dims, consumers), None)
+    fwd.shapes, fwd.dtypes = _infer(proto)
+    float_tensors = [n for n in fwd.tensor_names if fwd.dtypes.get(n) in FLOAT_TYPES]
+    unknown = [n for n in float_tensors if n not in fwd.shapes or n == fwd.input_name]
+    unknown = [n for n in unknown if n != fwd.input_name]
+    if unknown or declared_batch not in (None,):
+        try:
+            fwd.shapes.update(_probe_shapes(proto, image.name, fwd.input_shape, unknown or float_tensors[-1:],
+                                            fwd.dtypes))
+        except GbpError:
+            raise
+        except Exception as exc:
+            if declared_batch is None:
+                raise GbpError(f"Shape inference failed and running the model to find shapes failed: {exc}") from exc
+            # The graph hard-codes its batch size (e.g. a Reshape to [1, -1]): keep it fixed.
+            return _fixed_batch(model if not isinstance(model, onnx.ModelProto) else model, input_name,
+                                (declared_batch,) + dims[1:])
+    if proto.ir_version > MAX_IR_VERSION:
+        proto.ir_version = MAX_IR_VERSION
+    return fwd
+
+
+def _fixed_batch(model: ModelLike, input_name: str | None, dims: Shape) -> ForwardGraph:
+    proto = _upgrade_opset(load_model(model))
+    _name_everything(proto.graph)
+    image = pick_image_input(proto, input_name)
+    _set_dims(image, dims)
+    consumers = [n for n in proto.graph.node if image.name in n.input]
+    fwd = ForwardGraph(proto, image.name, tuple(dims), detect_layout(dims, consumers), int(dims[0]))
+    fwd.shapes, fwd.dtypes = _infer(proto)
+    if proto.ir_version > MAX_IR_VERSION:
+        proto.ir_version = MAX_IR_VERSION
+    return fwd
+
+
+def _show(dims: Shape) -> str:
+    return "(" + ", ".join("?" if d is None else str(d) for d in dims) + ")"
