@@ -41,6 +41,10 @@ class InputError(GbpError):
     """An input array or image does not fit the model (shape, layout, dtype) or a target is out of range."""
 
 
+class SymbolicShapeError(InputError):
+    """The image input has symbolic non-batch dimensions and no shape was given to fix them."""
+
+
 class ProviderError(GbpError):
     """The requested ONNX Runtime execution provider cannot be used."""
 

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper, shape_inference, version_converter
 
-from .errors import GbpError, InputError, ModelLoadError
+from .errors import GbpError, InputError, ModelLoadError, SymbolicShapeError
 
 ModelLike = Union[str, os.PathLike, onnx.ModelProto]
 
@@ -78,7 +78,7 @@ def _name_everything(graph: onnx.GraphProto) -> None:
         taken.add(name)
 
 
-def _dims(value_info: onnx.ValueInfoProto) -> Shape | None:
+def dims_of(value_info: onnx.ValueInfoProto) -> Shape | None:
     t = value_info.type.tensor_type
     if not t.HasField("shape"):
         return None
@@ -106,7 +106,7 @@ def pick_image_input(model: onnx.ModelProto, name: str | None = None) -> onnx.Va
                 return i
         raise InputError(f"The model has no input named {name!r}; its inputs are {[i.name for i in inputs]}.")
     floats = [i for i in inputs if i.type.tensor_type.elem_type in FLOAT_TYPES]
-    rank4 = [i for i in floats if (_dims(i) is not None and len(_dims(i)) == 4)]
+    rank4 = [i for i in floats if (dims_of(i) is not None and len(dims_of(i)) == 4)]
     if rank4 or floats:
         return (rank4 or floats)[0]
     raise InputError(f"The model has no float input to explain; its inputs are {[i.name for i in inputs]}.")
@@ -258,7 +258,7 @@ def _infer(model: onnx.ModelProto) -> tuple[dict[str, Shape], dict[str, int]]:
     g = inferred.graph
     for vi in list(g.input) + list(g.value_info) + list(g.output):
         dtypes[vi.name] = vi.type.tensor_type.elem_type
-        dims = _dims(vi)
+        dims = dims_of(vi)
         if dims is not None:
             shapes[vi.name] = dims
     for init in g.initializer:
@@ -271,6 +271,10 @@ def _infer(model: onnx.ModelProto) -> tuple[dict[str, Shape], dict[str, int]]:
                 shapes[node.output[0]] = value.shape
                 dtypes[node.output[0]] = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
     return shapes, dtypes
+
+
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+             "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
 
 def _probe_shapes(model: onnx.ModelProto, input_name: str, input_shape: Shape, names: list[str],
@@ -289,12 +293,13 @@ def _probe_shapes(model: onnx.ModelProto, input_name: str, input_shape: Shape, n
     opts.log_severity_level = 3
     session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     feeds_per_batch = []
-    others = {i.name: i for i in session.get_inputs() if i.name != input_name}
     rng = np.random.default_rng(0)
     for batch in (1, 2):
         feeds = {input_name: rng.standard_normal((batch, *input_shape[1:])).astype(np.float32)}
-        for name, arg in others.items():
-            raise GbpError(f"Cannot infer shapes: the model needs input {name!r} besides the image.")
+        for arg in session.get_inputs():  # other inputs: zeros, batch-sized where their first dim is symbolic
+            if arg.name != input_name:
+                dims = [batch if not isinstance(d, int) else d for d in arg.shape]
+                feeds[arg.name] = np.zeros(dims, _NP_TYPES.get(arg.type, np.float32))
         feeds_per_batch.append(dict(zip(names, session.run(names, feeds))))
     found = {}
     for name in names:
@@ -315,7 +320,7 @@ def normalise(model: ModelLike, input_name: str | None = None, input_shape: tupl
     proto = _upgrade_opset(load_model(model))
     _name_everything(proto.graph)
     image = pick_image_input(proto, input_name)
-    dims = _dims(image)
+    dims = dims_of(image)
     if dims is None:
         raise InputError(f"Input {image.name!r} has no declared rank; pass input_shape=(N, C, H, W).")
     if input_shape is not None:
@@ -329,7 +334,7 @@ def normalise(model: ModelLike, input_name: str | None = None, input_shape: tupl
         dims = (dims[0],) + tuple(int(d) for d in input_shape[1:])
     missing = [axis for axis, d in enumerate(dims) if axis > 0 and d is None]
     if missing:
-        raise InputError(f"Input {image.name!r} has symbolic dimensions on axes {missing} "
+        raise SymbolicShapeError(f"Input {image.name!r} has symbolic dimensions on axes {missing} "
                          f"(shape {_show(dims)}); pass an input shape to fix them.")
     declared_batch = dims[0]
     _set_dims(image, (None,) + dims[1:])
@@ -341,6 +346,7 @@ def normalise(model: ModelLike, input_name: str | None = None, input_shape: tupl
     consumers = [n for n in proto.graph.node if image.name in n.input]
     fwd = ForwardGraph(proto, image.name, (None,) + dims[1:], detect_layout(dims, consumers), None)
     fwd.shapes, fwd.dtypes = _infer(proto)
+    _restore_output_shapes(proto, fwd.shapes)
     float_tensors = [n for n in fwd.tensor_names if fwd.dtypes.get(n) in FLOAT_TYPES]
     unknown = [n for n in float_tensors if n not in fwd.shapes or n == fwd.input_name]
     unknown = [n for n in unknown if n != fwd.input_name]
@@ -359,6 +365,12 @@ def normalise(model: ModelLike, input_name: str | None = None, input_shape: tupl
     if proto.ir_version > MAX_IR_VERSION:
         proto.ir_version = MAX_IR_VERSION
     return fwd
+
+
+def _restore_output_shapes(proto: onnx.ModelProto, shapes: dict[str, Shape]) -> None:
+    for out in proto.graph.output:
+        if out.name in shapes:
+            _set_dims(out, shapes[out.name])
 
 
 def _fixed_batch(model: ModelLike, input_name: str | None, dims: Shape) -> ForwardGraph:

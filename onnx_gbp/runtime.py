@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .errors import InputError, ProviderError
+from .errors import InputError, ProviderError, SymbolicShapeError
 from .export import TARGET_USED, build, read_metadata, saliency_name
 from .methods import check_methods
-from .model import ModelLike, load_model, normalise
+from .model import ModelLike, dims_of, load_model, normalise, pick_image_input
 from .targets import Neuron, TargetSpec
 
 #: ONNX Runtime's optimisation levels by name.
@@ -141,6 +141,8 @@ class Explainer:
         self.batch_size, self.progress = int(batch_size), progress
         self._source = load_model(model)
         self._input_name = input_name
+        dims = dims_of(pick_image_input(self._source, input_name)) or ()
+        self._symbolic_spatial = any(d is None for d in dims[1:])
         self._built: dict[tuple | None, _Built] = {}
         self._build(tuple(input_shape) if input_shape is not None else None)
 
@@ -151,8 +153,8 @@ class Explainer:
             return self._built[key]
         try:
             fwd = normalise(self._source, self._input_name, shape)
-        except InputError:
-            if shape is None:  # symbolic spatial dims: wait for the first batch to fix them
+        except SymbolicShapeError:
+            if shape is None:  # wait for the first batch to fix the spatial sizes
                 return None
             raise
         outputs = [o.name for o in fwd.graph.output]
@@ -196,19 +198,23 @@ class Explainer:
         return self._built[None]
 
     # -- running ----------------------------------------------------------------------------------------
-    def attribute(self, x: np.ndarray, target: int | Sequence[int] | None = None) -> np.ndarray:
+    def attribute(self, x: np.ndarray, target: int | Sequence[int] | None = None,
+                  inputs: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """The first method's map for each sample: float32, the shape and layout of `x`."""
-        return self.explain(x, target).maps[self.methods[0]]
+        return self.explain(x, target, inputs).maps[self.methods[0]]
 
-    def explain(self, x: np.ndarray, target: int | Sequence[int] | None = None) -> Explanation:
+    def explain(self, x: np.ndarray, target: int | Sequence[int] | None = None,
+                inputs: dict[str, np.ndarray] | None = None) -> Explanation:
         """Every method's maps, the targets used (class or flat neuron index per sample) and the model's
-        outputs. `target`: None = each sample's predicted class, an int for all samples, or one per sample."""
+        outputs. `target`: None = each sample's predicted class, an int for all samples, or one per sample.
+        `inputs`: values for the model's other inputs, if it has any (split into chunks with `x` when their
+        first axis is the batch)."""
         x = np.asarray(x)
         if x.dtype.kind != "f":
             raise InputError(f"Input must be a float array (preprocessed image batch), got dtype {x.dtype}.")
         built = self._built.get(tuple(x.shape[1:])) if x.ndim else None
-        if built is None:
-            built = self._built.get(None) or self._build(x.shape)
+        if built is None:  # a model with symbolic spatial sizes gets one graph per input size
+            built = self._build(x.shape) if self._symbolic_spatial and x.ndim else self._first()
         built.check_shape(x)
         targets = self._targets(target, len(x), built)
         x = x.astype(built.dtype, copy=False)
@@ -219,6 +225,9 @@ class Explainer:
         with _progress(starts, self.progress and len(starts) > 1, "explaining") as bar:
             for start in bar:
                 feeds = {built.input_name: x[start:start + chunk]}
+                for name, value in (inputs or {}).items():
+                    value = np.asarray(value)
+                    feeds[name] = value[start:start + chunk] if value.ndim and len(value) == len(x) else value
                 if built.target_input:
                     feeds[built.target_input] = targets[start:start + chunk]
                 results.append(built.session.run(names, feeds))
