@@ -314,12 +314,30 @@ def normalise(model: ModelLike, input_name: str | None = None, input_shape: tupl
               ) -> ForwardGraph:
     """Load `model` and bring it into the form the gradient rules expect.
 
-    `input_shape` fixes the image input's dimensions where the model leaves them symbolic (batch excluded:
-    the batch dimension always stays dynamic when the graph allows it).
+    `input_shape` fixes the image input's dimensions where the model leaves them symbolic. The batch dimension
+    is made dynamic, unless the graph hard-codes its batch size (a Reshape to [1, -1], say): then it stays fixed
+    and the runtime feeds the model in chunks of that size.
     """
     proto = _upgrade_opset(load_model(model))
     _name_everything(proto.graph)
+    if proto.ir_version > MAX_IR_VERSION:
+        proto.ir_version = MAX_IR_VERSION
     image = pick_image_input(proto, input_name)
+    dims = _fixed_dims(image, input_shape)
+    try:
+        return _prepare(copy.deepcopy(proto) if dims[0] is not None else proto, image.name, (None,) + dims[1:])
+    except _BatchIsFixed as failure:
+        if dims[0] is None:
+            raise GbpError(f"The model does not run on a batch of 2 samples: {failure.__cause__}") from failure
+        return _prepare(proto, image.name, dims)
+
+
+class _BatchIsFixed(Exception):
+    pass
+
+
+def _fixed_dims(image: onnx.ValueInfoProto, input_shape: tuple[int, ...] | None) -> Shape:
+    """The image input's dims with every non-batch dim static, from the model or from `input_shape`."""
     dims = dims_of(image)
     if dims is None:
         raise InputError(f"Input {image.name!r} has no declared rank; pass input_shape=(N, C, H, W).")
@@ -335,54 +353,35 @@ def normalise(model: ModelLike, input_name: str | None = None, input_shape: tupl
     missing = [axis for axis, d in enumerate(dims) if axis > 0 and d is None]
     if missing:
         raise SymbolicShapeError(f"Input {image.name!r} has symbolic dimensions on axes {missing} "
-                         f"(shape {_show(dims)}); pass an input shape to fix them.")
-    declared_batch = dims[0]
-    _set_dims(image, (None,) + dims[1:])
-    # Drop stale intermediate shapes: they may carry the old fixed batch or symbolic spatial sizes.
-    del proto.graph.value_info[:]
+                                 f"(shape {_show(dims)}); pass an input shape to fix them.")
+    return dims
+
+
+def _prepare(proto: onnx.ModelProto, image_name: str, dims: Shape) -> ForwardGraph:
+    """Set the image input's dims, infer every tensor's shape and dtype, and probe what inference missed.
+    Raises _BatchIsFixed when a dynamic batch (dims[0] None) does not run because the graph hard-codes it."""
+    image = next(i for i in proto.graph.input if i.name == image_name)
+    _set_dims(image, dims)
+    del proto.graph.value_info[:]  # stale shapes may carry the old batch size or symbolic spatial sizes
     for out in proto.graph.output:
         out.type.tensor_type.ClearField("shape")
-
-    consumers = [n for n in proto.graph.node if image.name in n.input]
-    fwd = ForwardGraph(proto, image.name, (None,) + dims[1:], detect_layout(dims, consumers), None)
+    consumers = [n for n in proto.graph.node if image_name in n.input]
+    fwd = ForwardGraph(proto, image_name, dims, detect_layout(dims, consumers),
+                       None if dims[0] is None else int(dims[0]))
     fwd.shapes, fwd.dtypes = _infer(proto)
-    _restore_output_shapes(proto, fwd.shapes)
-    float_tensors = [n for n in fwd.tensor_names if fwd.dtypes.get(n) in FLOAT_TYPES]
-    unknown = [n for n in float_tensors if n not in fwd.shapes or n == fwd.input_name]
-    unknown = [n for n in unknown if n != fwd.input_name]
-    if unknown or declared_batch not in (None,):
+    floats = [n for n in fwd.tensor_names if fwd.dtypes.get(n) in FLOAT_TYPES]
+    unknown = [n for n in floats if n not in fwd.shapes]
+    if unknown or (dims[0] is None and floats):  # a dynamic batch must also be seen to run at batch 2
         try:
-            fwd.shapes.update(_probe_shapes(proto, image.name, fwd.input_shape, unknown or float_tensors[-1:],
-                                            fwd.dtypes))
-        except GbpError:
-            raise
+            fwd.shapes.update(_probe_shapes(proto, image_name, dims, unknown or floats[-1:], fwd.dtypes))
         except Exception as exc:
-            if declared_batch is None:
-                raise GbpError(f"Shape inference failed and running the model to find shapes failed: {exc}") from exc
-            # The graph hard-codes its batch size (e.g. a Reshape to [1, -1]): keep it fixed.
-            return _fixed_batch(model if not isinstance(model, onnx.ModelProto) else model, input_name,
-                                (declared_batch,) + dims[1:])
-    if proto.ir_version > MAX_IR_VERSION:
-        proto.ir_version = MAX_IR_VERSION
-    return fwd
-
-
-def _restore_output_shapes(proto: onnx.ModelProto, shapes: dict[str, Shape]) -> None:
+            if dims[0] is None:
+                raise _BatchIsFixed() from exc
+            raise GbpError(f"Shape inference left {len(unknown)} tensor shapes open, and running the model to "
+                           f"find them failed: {exc}") from exc
     for out in proto.graph.output:
-        if out.name in shapes:
-            _set_dims(out, shapes[out.name])
-
-
-def _fixed_batch(model: ModelLike, input_name: str | None, dims: Shape) -> ForwardGraph:
-    proto = _upgrade_opset(load_model(model))
-    _name_everything(proto.graph)
-    image = pick_image_input(proto, input_name)
-    _set_dims(image, dims)
-    consumers = [n for n in proto.graph.node if image.name in n.input]
-    fwd = ForwardGraph(proto, image.name, tuple(dims), detect_layout(dims, consumers), int(dims[0]))
-    fwd.shapes, fwd.dtypes = _infer(proto)
-    if proto.ir_version > MAX_IR_VERSION:
-        proto.ir_version = MAX_IR_VERSION
+        if out.name in fwd.shapes:
+            _set_dims(out, fwd.shapes[out.name])
     return fwd
 
 
