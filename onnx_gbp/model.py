@@ -67,6 +67,28 @@ def _upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     return converted
 
 
+def _topologically_sorted(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph walks assume node order is topological, as the ONNX spec asks; ONNX Runtime also runs
+    hand-edited graphs that are not, so sort those (with onnx-graphsurgeon)."""
+    known = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
+    for node in model.graph.node:
+        if not all(i in known for i in node.input):
+            break
+        known.update(node.output)
+    else:
+        return model
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(model)
+    graph.toposort()
+    sorted_model = gs.export_onnx(graph)
+    sorted_model.ir_version = model.ir_version
+    del sorted_model.opset_import[:]
+    sorted_model.opset_import.extend(model.opset_import)
+    sorted_model.metadata_props.extend(model.metadata_props)
+    return sorted_model
+
+
 def _name_everything(graph: onnx.GraphProto) -> None:
     """Give every node a unique name, so error messages and metadata can point at nodes."""
     taken: set[str] = set()
@@ -318,7 +340,7 @@ def normalise(model: ModelLike, input_name: str | None = None, input_shape: tupl
     is made dynamic, unless the graph hard-codes its batch size (a Reshape to [1, -1], say): then it stays fixed
     and the runtime feeds the model in chunks of that size.
     """
-    proto = _upgrade_opset(load_model(model))
+    proto = _topologically_sorted(_upgrade_opset(load_model(model)))
     _name_everything(proto.graph)
     if proto.ir_version > MAX_IR_VERSION:
         proto.ir_version = MAX_IR_VERSION

@@ -225,3 +225,13 @@ def test_cuda_matches_cpu(net, tmp_path):
     on_gpu, on_cpu = cuda.explain(X), cpu.explain(X)
     for method in onnx_gbp.METHODS:
         assert rel_err(on_gpu.maps[method], on_cpu.maps[method]) <= TOL
+
+
+def test_unsorted_graph_is_sorted_first(net, tmp_path):
+    path = export(net, tmp_path / "m.onnx", torch.zeros(1, 3, 16, 16))
+    model = onnx.load(str(path))
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(reversed(nodes))  # ONNX Runtime still runs this; our walks need order
+    maps = onnx_gbp.Explainer(model, method="vanilla").attribute(X)
+    assert rel_err(maps, _vanilla_ref(net, X)) <= TOL
