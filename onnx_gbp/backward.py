@@ -24,7 +24,9 @@ def depends_on(fwd: ForwardGraph, source: str) -> set[str]:
     for node in fwd.graph.node:  # graph order is topological
         if node.op_type in NON_DIFFERENTIABLE or not any(i in reached for i in node.input):
             continue
-        reached.update(o for o in node.output if o and fwd.is_float(o))
+        # An output of unknown type (an op shape inference does not know) might be float: keep it, so that
+        # op is reported as unsupported rather than silently cut off.
+        reached.update(o for o in node.output if o and (fwd.is_float(o) or not fwd.dtypes.get(o)))
     return reached
 
 

@@ -19,12 +19,12 @@ import onnx
 from onnx import helper
 
 from . import __version__
-from .backward import backward
+from .backward import backward, check_supported, path_nodes
 from .builder import GraphBuilder
 from .errors import GbpError
 from .methods import check_methods
 from .model import ForwardGraph, ModelLike, normalise
-from .targets import TargetSpec, build_seed
+from .targets import TargetSpec, build_seed, seed_tensor
 
 SALIENCY_PREFIX = "saliency_"
 TARGET_USED = "target_used"
@@ -40,6 +40,7 @@ def build(fwd: ForwardGraph, methods: Sequence[str], target: TargetSpec) -> onnx
     taken = {n for node in fwd.graph.node for n in (*node.input, *node.output, node.name)}
     taken |= {t.name for t in fwd.graph.initializer} | {i.name for i in fwd.graph.input}
     b = GraphBuilder(taken)
+    check_supported(path_nodes(fwd, fwd.input_name, {seed_tensor(fwd, target)})[0])  # before any shape is needed
     seed = build_seed(fwd, b, target)
     outputs = []
     for method in methods:

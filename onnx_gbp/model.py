@@ -161,6 +161,7 @@ class ForwardGraph:
     fixed_batch: int | None  # the model's batch size when it could not be made dynamic
     shapes: dict[str, Shape] = field(default_factory=dict)
     dtypes: dict[str, int] = field(default_factory=dict)
+    probe_error: str | None = None  # why running the model to measure shapes failed, if it did
 
     @property
     def graph(self) -> onnx.GraphProto:
@@ -206,14 +207,21 @@ class ForwardGraph:
             node = self.producer[name]
             if node.op_type == "Constant":
                 value = _constant_node_value(node)
-            elif node.op_type in ("Identity", "Cast", "Unsqueeze", "Squeeze", "Reshape", "Concat", "Neg"):
+            elif node.op_type == "Gather" and self.producer.get(node.input[0], node).op_type == "Shape":
+                value = _static_sizes(self, self.producer[node.input[0]], self.const_value(node.input[1]))
+            elif node.op_type == "Shape":
+                value = _static_sizes(self, node, None)
+            elif node.op_type in ("Identity", "Cast", "Unsqueeze", "Squeeze", "Reshape", "Concat", "Neg",
+                                  "Add", "Sub", "Mul", "Div"):
                 value = _fold(self, node)
         cache[name] = value
         return value
 
     def shape(self, name: str) -> Shape:
         if name not in self.shapes:
-            raise GbpError(f"Shape of tensor {name!r} is unknown after shape inference.")
+            why = f" and ONNX Runtime could not run the model to measure it ({self.probe_error})" \
+                if self.probe_error else ""
+            raise GbpError(f"The shape of tensor {name!r} is unknown after shape inference{why}.")
         return self.shapes[name]
 
     def rank(self, name: str) -> int:
@@ -241,6 +249,27 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
         if attr.name == "value_ints":
             return np.array(attr.ints, dtype=np.int64)
     return None
+
+
+def _static_sizes(fwd: ForwardGraph, shape_node: onnx.NodeProto, indices: np.ndarray | None) -> np.ndarray | None:
+    """Sizes read by Shape (optionally picked by a Gather's constant `indices`) when all of them are static:
+    the spatial sizes are fixed at normalisation, so `x.size(1) // 2` in a TorchScript export is a constant
+    (a channel split's Slice bounds), while anything reading the dynamic batch size is not."""
+    dims = fwd.shapes.get(shape_node.input[0])
+    if dims is None:
+        return None
+    attrs = {a.name: a.i for a in shape_node.attribute}
+    dims = list(dims)[attrs.get("start", 0):attrs.get("end", len(dims)) or None]
+    if indices is not None:
+        picked = np.asarray(indices)
+        if picked.dtype.kind not in "iu" or np.any(picked >= len(dims)) or np.any(picked < -len(dims)):
+            return None
+        sizes = np.array([dims[int(i)] for i in picked.reshape(-1)], dtype=object).reshape(picked.shape)
+    else:
+        sizes = np.array(dims, dtype=object)
+    if any(d is None for d in sizes.reshape(-1)):
+        return None
+    return sizes.astype(np.int64)
 
 
 def _fold(fwd: ForwardGraph, node: onnx.NodeProto) -> np.ndarray | None:
@@ -299,10 +328,18 @@ _NP_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(
              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
 
+class _CannotRun(Exception):
+    """ONNX Runtime cannot run the forward model at all (an operator it lacks, say)."""
+
+
+class _BatchIsFixed(Exception):
+    """The model runs on one sample but not on two: the graph hard-codes its batch size."""
+
+
 def _probe_shapes(model: onnx.ModelProto, input_name: str, input_shape: Shape, names: list[str],
                   dtypes: dict[str, int]) -> dict[str, Shape]:
-    """Fill shapes that static inference left open by running the model at batch 1 and 2: a dim that changes
-    with the batch is dynamic (None), the others are static."""
+    """Fill shapes that static inference left open by running the model: with a dynamic batch at batch 1 and 2
+    (a dim that changes with the batch is dynamic, None), else at its fixed batch."""
     import onnxruntime as ort
 
     probe = copy.deepcopy(model)
@@ -312,23 +349,25 @@ def _probe_shapes(model: onnx.ModelProto, input_name: str, input_shape: Shape, n
             probe.graph.output.append(onnx.helper.make_tensor_value_info(name, dtypes.get(name, 0), None))
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    feeds_per_batch = []
+    opts.log_severity_level = 4
     rng = np.random.default_rng(0)
-    for batch in (1, 2):
-        feeds = {input_name: rng.standard_normal((batch, *input_shape[1:])).astype(np.float32)}
-        for arg in session.get_inputs():  # other inputs: zeros, batch-sized where their first dim is symbolic
-            if arg.name != input_name:
-                dims = [batch if not isinstance(d, int) else d for d in arg.shape]
-                feeds[arg.name] = np.zeros(dims, _NP_TYPES.get(arg.type, np.float32))
-        feeds_per_batch.append(dict(zip(names, session.run(names, feeds))))
+    runs = []
+    for batch in ((1, 2) if input_shape[0] is None else (input_shape[0],)):
+        try:
+            if not runs:
+                session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            feeds = {input_name: rng.standard_normal((batch, *input_shape[1:])).astype(np.float32)}
+            for arg in session.get_inputs():  # other inputs: zeros, batch-sized where their first dim is symbolic
+                if arg.name != input_name:
+                    dims = [batch if not isinstance(d, int) else d for d in arg.shape]
+                    feeds[arg.name] = np.zeros(dims, _NP_TYPES.get(arg.type, np.float32))
+            runs.append([a.shape for a in session.run(names, feeds)])
+        except Exception as exc:
+            raise (_BatchIsFixed if runs else _CannotRun)(str(exc).strip()) from exc
     found = {}
-    for name in names:
-        a, b = feeds_per_batch[0][name], feeds_per_batch[1][name]
-        if a.ndim != b.ndim:
-            continue
-        found[name] = tuple(None if da != db else da for da, db in zip(a.shape, b.shape))
+    for name, *shapes in zip(names, *runs):
+        if len({len(shape) for shape in shapes}) == 1:
+            found[name] = tuple(None if len(set(ds)) > 1 else ds[0] for ds in zip(*shapes))
     return found
 
 
@@ -350,12 +389,9 @@ def normalise(model: ModelLike, input_name: str | None = None, input_shape: tupl
         return _prepare(copy.deepcopy(proto) if dims[0] is not None else proto, image.name, (None,) + dims[1:])
     except _BatchIsFixed as failure:
         if dims[0] is None:
-            raise GbpError(f"The model does not run on a batch of 2 samples: {failure.__cause__}") from failure
+            raise GbpError(f"The model declares a dynamic batch but does not run on 2 samples: {failure}") \
+                from failure
         return _prepare(proto, image.name, dims)
-
-
-class _BatchIsFixed(Exception):
-    pass
 
 
 def _fixed_dims(image: onnx.ValueInfoProto, input_shape: tuple[int, ...] | None) -> Shape:
@@ -392,15 +428,14 @@ def _prepare(proto: onnx.ModelProto, image_name: str, dims: Shape) -> ForwardGra
                        None if dims[0] is None else int(dims[0]))
     fwd.shapes, fwd.dtypes = _infer(proto)
     floats = [n for n in fwd.tensor_names if fwd.dtypes.get(n) in FLOAT_TYPES]
-    unknown = [n for n in floats if n not in fwd.shapes]
+    # Open means no shape, or a symbolic size beyond the batch axis (a view to runtime Shape values, as a
+    # TorchScript-exported channel shuffle has): the rules need every non-batch size.
+    unknown = [n for n in floats if n not in fwd.shapes or None in fwd.shapes[n][1:]]
     if unknown or (dims[0] is None and floats):  # a dynamic batch must also be seen to run at batch 2
         try:
             fwd.shapes.update(_probe_shapes(proto, image_name, dims, unknown or floats[-1:], fwd.dtypes))
-        except Exception as exc:
-            if dims[0] is None:
-                raise _BatchIsFixed() from exc
-            raise GbpError(f"Shape inference left {len(unknown)} tensor shapes open, and running the model to "
-                           f"find them failed: {exc}") from exc
+        except _CannotRun as why:  # not fatal here: an unsupported operator is reported by name later
+            fwd.probe_error = str(why)
     for out in proto.graph.output:
         if out.name in fwd.shapes:
             _set_dims(out, fwd.shapes[out.name])

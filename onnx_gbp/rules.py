@@ -461,6 +461,10 @@ def _split(s: Step) -> Grads:
     return [s.op("Concat", *pieces, axis=axis)]
 
 
+#: Exporters write INT32_MAX or INT64_MAX for "to the end" of an axis whose size they do not know.
+_TO_THE_END = 2 ** 31 - 1
+
+
 def _slice_positions(start: int, end: int, step: int, size: int) -> list[int]:
     return list(range(size))[slice(start, end, step)]
 
@@ -478,6 +482,8 @@ def _slice(s: Step) -> Grads:
         axis %= rank
         size = x_shape[axis]
         if size is None:
+            if step == 1 and (start == 0 or start <= -_TO_THE_END) and end >= _TO_THE_END:
+                continue  # the whole (dynamic) batch axis, as exporters slice every axis: nothing to undo
             s.fail("Slice along the batch axis")
         kept = _slice_positions(start, end, step, size)
         if step == 1 and kept:
@@ -576,10 +582,10 @@ def _reduce_sum_mean(s: Step) -> Grads:
     return [s.expand_to(g, s.x())]
 
 
-def _argmax_share(s: Step, g: str, y: str) -> str:
-    """Spread g over the positions that hold the extreme value y, ties sharing equally (as torch.amax)."""
+def _argmax_share(s: Step, g: str, y: str, axes: list[int]) -> str:
+    """Spread g over the positions that hold the extreme value y (reduced over `axes`, kept as size 1), ties
+    sharing equally (as torch.amax). The axes are passed in: y may be a backward tensor with no known shape."""
     hit = s.op("Cast", s.op("Equal", s.x(), y), to=s.fwd.dtypes[s.x()])
-    axes = [a for a, (dx, dy_) in enumerate(zip(s.shape(s.x()), s.shape(y))) if dx != dy_]
     count = s.op("ReduceSum", hit, s.b.ints(axes), keepdims=1)
     return s.op("Mul", hit, s.op("Div", g, count))
 
@@ -589,12 +595,12 @@ def _reduce_max(s: Step) -> Grads:
     axes, keepdims = _reduce_axes(s)
     if not axes:
         return [s.dy()]
-    return [_argmax_share(s, _kept(s, s.dy(), axes, keepdims), _kept(s, s.y(), axes, keepdims))]
+    return [_argmax_share(s, _kept(s, s.dy(), axes, keepdims), _kept(s, s.y(), axes, keepdims), axes)]
 
 
 @rule("GlobalMaxPool")
 def _global_max_pool(s: Step) -> Grads:
-    return [_argmax_share(s, s.dy(), s.y())]
+    return [_argmax_share(s, s.dy(), s.y(), list(range(2, s.rank(s.x()))))]
 
 
 @rule("GlobalAveragePool")
@@ -720,14 +726,15 @@ def _conv_transpose(s: Step) -> Grads:
         pads = [0] * 2 * n
     else:
         pads = list(s.attr("pads", [0] * 2 * n))
-    # The forward output may be longer than the transposed geometry covers: crop those rows (no gradient).
+    # The output is the transposed span cropped by pads, plus output_padding cells at the end: those first
+    # take back cells the end pad cropped (they carry x), and only the rest lie past the span (no gradient).
     g = s.dy()
-    covered = [strides[i] * (in_spatial[i] - 1) + dilations[i] * (kernel[i] - 1) + 1 - pads[i] - pads[n + i]
-               for i in range(n)]
-    if any(c < o for c, o in zip(covered, out_spatial)):
-        g = s.op("Slice", g, s.b.ints([0] * n), s.b.ints(covered), s.b.ints(range(2, 2 + n)))
+    ends = [pads[n + i] - output_padding[i] for i in range(n)]
+    reach = [out_spatial[i] + min(0, ends[i]) for i in range(n)]
+    if any(r < o for r, o in zip(reach, out_spatial)):
+        g = s.op("Slice", g, s.b.ints([0] * n), s.b.ints(reach), s.b.ints(range(2, 2 + n)))
     return [s.op("Conv", g, s.x(1), group=s.attr("group", 1), kernel_shape=kernel, strides=strides,
-                 dilations=dilations, pads=pads)]
+                 dilations=dilations, pads=pads[:n] + [max(0, e) for e in ends])]
 
 
 @rule("Gemm")

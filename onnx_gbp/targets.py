@@ -87,6 +87,13 @@ def _per_sample(fwd: ForwardGraph, b: GraphBuilder, tensor: str) -> tuple[str, i
     return b.op("Reshape", tensor, b.ints([-1, size])), size, [-1 if d is None else d for d in dims]
 
 
+def seed_tensor(fwd: ForwardGraph, spec: TargetSpec) -> str:
+    """The tensor the backward walk starts from (known before any shape is needed)."""
+    if spec.layer is None:
+        return class_scores(fwd, spec.output, spec.probability)[0]
+    return resolve_layer(fwd, spec.layer)
+
+
 def build_seed(fwd: ForwardGraph, b: GraphBuilder, spec: TargetSpec) -> Seed:
     dtype = fwd.dtypes[fwd.input_name]
     if spec.layer is None:
