@@ -118,17 +118,19 @@ class Source:
 
 
 def collect(paths: Sequence[str | Path], model: ModelInput) -> list[Source]:
-    """Expand folders (their images, sorted, not recursive) and .npy batches into samples, checking that
+    """Expand folders (their images and .npy files, sorted, not recursive) and .npy batches into samples, checking that
     every file exists, every image's header reads, and every .npy tensor fits the model."""
     sources: list[Source] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES | {".npy"} and
                            not p.name.startswith(".") and p.is_file())
             if not found:
-                raise InputError(f"Folder {path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
-            sources += [_image_source(p) for p in found]
+                raise InputError(f"Folder {path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}) "
+                                 f"and no .npy tensors.")
+            for p in found:
+                sources += _npy_sources(p, model) if p.suffix.lower() == ".npy" else [_image_source(p)]
         elif not path.exists():
             raise InputError(f"No such file or folder: {path}")
         elif path.suffix.lower() == ".npy":

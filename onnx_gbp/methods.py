@@ -19,20 +19,31 @@ if TYPE_CHECKING:
 METHODS = ("guided", "deconvnet", "vanilla")
 
 
-def relu_rule(s: "Step", x: str, dy: str, upper: str | None = None) -> str:
-    """The method's gradient through ReLU(x), optionally capped at `upper` (a tensor name)."""
+def relu_rule(s: "Step", y: str, dy: str, upper: str | None = None) -> str:
+    """The method's gradient through y = ReLU(x), optionally capped at `upper` (a tensor name).
+
+    The gates read the output: [y > 0] is [x > 0] and [y < upper] is [x < upper], and leaving x unread lets the
+    runtime fuse the ReLU into the Conv that produces x. Each gate is a float 0/1 mask, built once per ReLU and
+    shared by every method, applied with Mul: on ONNX Runtime's CPU kernels Mul costs a third of Where(gate, dy, 0).
+    """
     s.b.notes.setdefault("relu", set()).add(s.node.name)
-    if upper is not None:
-        below = s.memo(("below", x, upper), lambda: s.op("Less", x, upper))
-        dy = s.op("Where", below, dy, s.zero(x))
-    positive = s.memo(("positive", x), lambda: s.op("Greater", x, s.zero(x)))
+    positive, below = ("Greater", s.zero(y)), ("Less", upper)
+    inside = (positive,) if upper is None else (positive, below)
     if s.method == "vanilla":
-        return s.op("Where", positive, dy, s.zero(x))
+        return s.op("Mul", dy, _gate(s, y, *inside))
     if s.method == "deconvnet":
-        return s.op("Relu", dy)
+        return s.op("Relu", dy) if upper is None else s.op("Mul", s.op("Relu", dy), _gate(s, y, below))
     if s.method == "guided":
-        return s.op("Where", positive, s.op("Relu", dy), s.zero(x))
+        return s.op("Mul", s.op("Relu", dy), _gate(s, y, *inside))
     raise ValueError(f"Unknown method {s.method!r}; choose from {', '.join(METHODS)}.")
+
+
+def _gate(s: "Step", y: str, *conditions: tuple[str, str]) -> str:
+    """The float 0/1 mask of `y op bound` for every (op, bound) in `conditions`, all true; built once."""
+    def make() -> str:
+        tests = [s.memo(("test", y, op, bound), lambda: s.op(op, y, bound)) for op, bound in conditions]
+        return s.op("Cast", tests[0] if len(tests) == 1 else s.op("And", *tests), to=s.fwd.dtypes[y])
+    return s.memo(("gate", y, conditions), make)
 
 
 def check_methods(methods: tuple[str, ...] | list[str]) -> tuple[str, ...]:

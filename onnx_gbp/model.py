@@ -212,8 +212,8 @@ class ForwardGraph:
             elif node.op_type == "Shape":
                 value = _static_sizes(self, node, None)
             elif node.op_type in ("Identity", "Cast", "Unsqueeze", "Squeeze", "Reshape", "Concat", "Neg",
-                                  "Add", "Sub", "Mul", "Div"):
-                value = _fold(self, node)
+                                  "Add", "Sub", "Mul", "Div", "Gather", "Slice", "Transpose", "ConstantOfShape"):
+                value = _fold(self, node)  # TorchScript computes F.pad's pads with the last five, for one
         cache[name] = value
         return value
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -172,15 +173,17 @@ def explain_files(explainer: Explainer, sources: Sequence[images.Source], model_
                 record = _record(sources[i], stems[i], result, j, scored, probs, labels, meta, took / len(batch))
                 panels = [photo]
                 render.save_png(photo, tmp / f"{stems[i]}.input.png")
-                for m in methods:
+                for k, m in enumerate(methods):
                     raw = result.maps[m][j]
                     np.save(tmp / f"{stems[i]}.{m}.npy", raw)
-                    g = render.to_hwc(raw, model_input.layout, pre.bgr and not sources[i].npy)
+                    g = render.to_hwc(raw, model_input.layout, pre.bgr)  # pictures in RGB order
                     picture = render.map_picture(g, m, options.grey)
                     render.save_png(picture, tmp / f"{stems[i]}.{m}.png")
+                    on_sheet = k == 0 and i in grid_keep  # the sheet shows the first method's heat map
+                    heat = render.overlay(photo, render.heat(g, m)) if options.overlay or on_sheet else None
                     if options.overlay:
-                        render.save_png(render.overlay(photo, render.heat(g, m)), tmp / f"{stems[i]}.{m}.overlay.png")
-                    panels.append(picture)
+                        render.save_png(heat, tmp / f"{stems[i]}.{m}.overlay.png")
+                    panels += [heat, picture] if k == 0 else [picture]
                 record["files"] = output_files(stems[i], methods, options.overlay)
                 records.append(record)
                 if i in grid_keep:
@@ -196,8 +199,11 @@ def explain_files(explainer: Explainer, sources: Sequence[images.Source], model_
             "images": records,
         }
         if tiles:
-            sheet = render.contact_sheet(tiles, ["input", *methods], title=options.title or
-                                         f"{' / '.join(methods)} — {len(tiles)} of {len(records)} images")
+            headers = ["input", f"{methods[0]} heat map", *methods]
+            title = options.title or " / ".join(methods)
+            if len(tiles) < len(records):
+                title += f"  ·  {len(tiles)} of {len(records)} images, picked at random"
+            sheet = render.contact_sheet(tiles, headers, title=title)
             sheet.save(tmp / "grid.png")
             summary["grid"] = "grid.png"
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -235,13 +241,13 @@ def _caption(record: dict) -> tuple[str, str]:
 
 @contextlib.contextmanager
 def _bar(total: int, show: bool):
-    if not show or total < 2:
+    """A progress bar on stderr when it is a terminal (in a log, click would print only its label)."""
+    if not show or total < 2 or not sys.stderr.isatty():
         yield _NoBar()
         return
     import click
 
-    with click.progressbar(length=total, label="explaining", show_pos=True,
-                           file=click.get_text_stream("stderr")) as bar:
+    with click.progressbar(length=total, label="explaining", show_pos=True, file=sys.stderr) as bar:
         yield bar
 
 

@@ -117,10 +117,14 @@ class Tile:
 
 
 def font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType: a scalable font
-    except (TypeError, OSError, AttributeError):
-        return ImageFont.load_default()
+    """DejaVu Sans where the system has it (it covers accents in file and class names), else Pillow's own
+    scalable font (Pillow >= 10.1 with FreeType; ASCII only), else its bitmap font."""
+    for attempt in (lambda: ImageFont.truetype("DejaVuSans.ttf", size), lambda: ImageFont.load_default(size=size)):
+        try:
+            return attempt()
+        except (TypeError, OSError, AttributeError):
+            continue
+    return ImageFont.load_default()
 
 
 def contact_sheet(tiles: Sequence[Tile], headers: Sequence[str], panel: int = 160, columns: int | None = None,

@@ -149,8 +149,9 @@ class Step:
         moved = self.op("MatMul", self.op("Transpose", g, perm=perm), self.const(matrix, like))
         return self.op("Transpose", moved, perm=perm)
 
-    def relu(self, x: str, dy: str, upper: str | None = None) -> str:
-        return methods.relu_rule(self, x, dy, upper)
+    def relu(self, y: str, dy: str, upper: str | None = None) -> str:
+        """The method's rule at a ReLU-family node with output `y` (see methods.relu_rule)."""
+        return methods.relu_rule(self, y, dy, upper)
 
 
 def _normalize_axes(axes: Sequence[int], rank: int) -> list[int]:
@@ -197,7 +198,7 @@ def _is_zero(s: Step, name: str) -> bool:
 
 @rule("Relu")
 def _relu(s: Step) -> Grads:
-    return [s.relu(s.x(), s.dy())]
+    return [s.relu(s.y(), s.dy())]
 
 
 @rule("Clip")
@@ -207,7 +208,7 @@ def _clip(s: Step) -> Grads:
     if s.attr("min") is not None or s.attr("max") is not None:  # opset < 11 form, normally converted away
         s.fail("Clip with min/max attributes (opset < 11)")
     if lo is not None and _is_zero(s, lo):  # ReLU, or ReLU6 = min(ReLU(x), 6)
-        return [s.relu(s.x(), s.dy(), upper=hi)]
+        return [s.relu(s.y(), s.dy(), upper=hi)]
     inside = None
     if lo is not None:
         inside = s.op("GreaterOrEqual", s.x(), lo)
@@ -223,7 +224,7 @@ def _max_min(s: Step) -> Grads:
     if s.node.op_type == "Max" and len(inputs) == 2:
         for i, other in ((0, 1), (1, 0)):
             if _is_zero(s, inputs[other]) and s.shape(inputs[i]) == s.shape(s.y()):
-                return [s.relu(inputs[i], s.dy()) if k == i else None for k in range(2)]
+                return [s.relu(s.y(), s.dy()) if k == i else None for k in range(2)]
     if len(inputs) == 1:
         return [s.dy()]
     # Ties share the gradient equally, as torch.maximum / torch.minimum do.
@@ -682,11 +683,19 @@ def _average_pool(s: Step) -> Grads:
 
 @rule("Conv")
 def _conv(s: Step) -> Grads:
-    """dx = ConvTranspose(dy, W) with the forward geometry; output_padding restores the exact input size."""
+    """dx = ConvTranspose(dy, W) with the forward geometry; output_padding restores the exact input size.
+    At stride 1 the same map is a plain Conv with flipped, channel-swapped weights, which runtimes optimise far
+    better than ConvTranspose (ONNX Runtime's blocked NCHWc kernels take only Conv)."""
     if s.needs(1) or s.needs(2):
         s.fail("Conv whose weight or bias depends on the input")
     kernel, strides, dilations, pads = _conv_geometry(s, s.x(1))
     n = len(kernel)
+    reach = [d * (k - 1) for k, d in zip(kernel, dilations)]  # a window's span minus one
+    full = [reach[i % n] - p for i, p in enumerate(pads)]  # "full" correlation, cropped by the forward pads
+    if all(st == 1 for st in strides) and min(full) >= 0:
+        group = s.attr("group", 1)
+        return [s.op("Conv", s.dy(), _flipped_weights(s, s.x(1), group), group=group, kernel_shape=kernel,
+                     dilations=dilations, pads=full)]
     in_spatial = s.shape(s.x())[2:]
     out_spatial = s.shape(s.y())[2:]
     output_padding = []
@@ -697,6 +706,20 @@ def _conv(s: Step) -> Grads:
         s.fail(f"Conv geometry (output padding {output_padding})")
     return [s.op("ConvTranspose", s.dy(), s.x(1), group=s.attr("group", 1), kernel_shape=kernel, strides=strides,
                  dilations=dilations, pads=pads, output_padding=output_padding if any(output_padding) else None)]
+
+
+def _flipped_weights(s: Step, w: str, group: int) -> str:
+    """W[o, i, k...] of a grouped Conv as the weights of its transpose: W'[i, o, k...] = W[o, i, -k...] within each
+    group. Built in the graph from W, so the file keeps one copy of the weights; runtimes fold it at load time."""
+    def make() -> str:
+        c_out, c_in, *kernel = s.shape(w)
+        n = len(kernel)
+        t = s.op("Reshape", w, s.b.ints([group, c_out // group, c_in, *kernel]))
+        t = s.op("Transpose", t, perm=[0, 2, 1, *range(3, 3 + n)])
+        t = s.op("Reshape", t, s.b.ints([group * c_in, c_out // group, *kernel]))
+        last = np.iinfo(np.int64).min  # a reversed Slice runs to the start of the axis
+        return s.op("Slice", t, s.b.ints([-1] * n), s.b.ints([last] * n), s.b.ints(range(2, 2 + n)), s.b.ints([-1] * n))
+    return s.memo(("flipped_weights", w, group), make)
 
 
 @rule("ConvTranspose")

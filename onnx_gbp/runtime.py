@@ -188,6 +188,11 @@ class Explainer:
         return self._first().num_classes
 
     @property
+    def target_choice(self) -> str:
+        """What is explained, in words: e.g. the logits feeding a final Softmax rather than its probabilities."""
+        return read_metadata(self._first().model)["target"]["choice"]
+
+    @property
     def provider(self) -> str:
         return self._first().session.get_providers()[0]
 

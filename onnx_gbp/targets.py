@@ -124,11 +124,42 @@ def build_seed(fwd: ForwardGraph, b: GraphBuilder, spec: TargetSpec) -> Seed:
     return Seed(tensor, grad, chosen, None, tensor, note)
 
 
+#: ONNX ops whose output is channels-first whatever the model's input layout.
+_CHANNELS_FIRST = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool", "BatchNormalization",
+                   "InstanceNormalization", "GlobalAveragePool", "GlobalMaxPool", "Resize", "DepthToSpace",
+                   "SpaceToDepth"}
+#: Ops that keep the layout of their (first non-constant) input.
+_SAME_LAYOUT = {"Relu", "Clip", "Max", "Min", "Add", "Sub", "Mul", "Div", "Sum", "Sigmoid", "Tanh", "LeakyRelu",
+                "PRelu", "HardSigmoid", "HardSwish", "Softplus", "Erf", "Gelu", "Neg", "Abs", "Exp", "Sqrt", "Pow",
+                "Identity", "Dropout", "Cast", "Where", "Concat", "Pad", "Slice"}
+
+
+def channel_axis_of(fwd: ForwardGraph, tensor: str) -> int:
+    """The channel axis of a rank-4 tensor. ONNX's conv and pooling ops are channels-first, so inside an NHWC
+    model's graph (tf2onnx, jax2onnx) most feature maps are NCHW: follow the tensor back through layout-keeping
+    ops and Transposes to a channels-first op (axis 1) or to the image input (the input's layout)."""
+    if tensor == fwd.input_name:
+        return 3 if fwd.layout == "NHWC" else 1
+    node = fwd.producer.get(tensor)
+    if node is not None and node.op_type in _CHANNELS_FIRST:
+        return 1
+    if node is not None and (node.op_type == "Transpose" or node.op_type in _SAME_LAYOUT):
+        source = next((i for i in node.input if i and fwd.const_value(i) is None and len(fwd.shapes.get(i, ())) == 4),
+                      None)
+        if source is not None:
+            axis = channel_axis_of(fwd, source)
+            if node.op_type != "Transpose":
+                return axis
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [3, 2, 1, 0])
+            return perm.index(axis)
+    return 3 if fwd.layout == "NHWC" else 1
+
+
 def _neuron_mask(fwd: ForwardGraph, tensor: str, neuron: Neuron) -> tuple[np.ndarray, int, str]:
     """A (1, ...) mask selecting a channel (summing its map) or one position of `tensor`."""
     dims = fwd.shape(tensor)[1:]
     mask = np.zeros((1, *dims), np.float64)
-    channel_axis = 0 if fwd.layout != "NHWC" or len(dims) != 3 else 2
+    channel_axis = channel_axis_of(fwd, tensor) - 1 if len(dims) == 3 else 0
     if isinstance(neuron, (int, np.integer)):
         channels = dims[channel_axis]
         if not 0 <= neuron < channels:

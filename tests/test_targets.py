@@ -50,8 +50,7 @@ def test_default_target_is_the_predicted_logit_even_behind_softmax(nets, images)
     np.testing.assert_array_equal(result.targets, predicted)
     ref = autograd_map(lambda x: net.fc(net.features(x)[1].mean(dim=(2, 3)))[range(3), predicted], images)
     assert rel_err(result.maps["vanilla"], ref) <= TOL
-    meta = onnx_gbp.read_metadata(explainer.model)
-    assert "logits" in meta["target"]["choice"] and "Softmax" in meta["target"]["choice"]
+    assert "logits" in explainer.target_choice and "Softmax" in explainer.target_choice
 
 
 def test_probability_target_differentiates_the_softmax(nets, images):
