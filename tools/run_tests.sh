@@ -8,4 +8,7 @@ if [ ! -x .venv-test/bin/python ]; then
     "$PY" -m venv .venv-test
 fi
 .venv-test/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+# The cross-framework parity tests run TensorFlow, JAX and Paddle in environments of their own
+# (.venv-tf, .venv-jax, .venv-paddle; tools/framework_envs.sh keeps them once built).
+bash tools/framework_envs.sh
 exec .venv-test/bin/python -m pytest "$@"
