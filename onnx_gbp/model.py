@@ -303,7 +303,7 @@ def _fold(fwd: ForwardGraph, node: onnx.NodeProto) -> np.ndarray | None:
 
 
 def _infer(model: onnx.ModelProto) -> tuple[dict[str, Shape], dict[str, int]]:
-    inferred = shape_inference.infer_shapes(model, data_prop=True)
+    inferred = shape_inference.infer_shapes(_without_weights(model), data_prop=True)
     shapes: dict[str, Shape] = {}
     dtypes: dict[str, int] = {}
     g = inferred.graph
@@ -312,7 +312,7 @@ def _infer(model: onnx.ModelProto) -> tuple[dict[str, Shape], dict[str, int]]:
         dims = dims_of(vi)
         if dims is not None:
             shapes[vi.name] = dims
-    for init in g.initializer:
+    for init in model.graph.initializer:
         dtypes[init.name] = init.data_type
         shapes[init.name] = tuple(init.dims)
     for node in g.node:
@@ -322,6 +322,25 @@ def _infer(model: onnx.ModelProto) -> tuple[dict[str, Shape], dict[str, int]]:
                 shapes[node.output[0]] = value.shape
                 dtypes[node.output[0]] = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
     return shapes, dtypes
+
+
+#: Initializers larger than this are only declared (type and shape) to shape inference.
+_SHAPE_ONLY_ELEMENTS = 4096
+
+
+def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` for shape inference, its large initializers declared as typed inputs instead: inference
+    reads only their types and shapes (data propagation needs the small integer ones, which stay), and serialising
+    the weights to and from onnx's C++ side was most of the time `normalise` took on ResNet-50."""
+    skeleton = copy.deepcopy(model)  # a memory copy: cheap next to serialising
+    graph, declared = skeleton.graph, {i.name for i in skeleton.graph.input}
+    large = [k for k, init in enumerate(graph.initializer) if int(np.prod(init.dims)) > _SHAPE_ONLY_ELEMENTS]
+    graph.input.extend(onnx.helper.make_tensor_value_info(graph.initializer[k].name, graph.initializer[k].data_type,
+                                                          list(graph.initializer[k].dims))
+                       for k in large if graph.initializer[k].name not in declared)
+    for k in reversed(large):
+        del graph.initializer[k]
+    return skeleton
 
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
@@ -431,7 +450,9 @@ def _prepare(proto: onnx.ModelProto, image_name: str, dims: Shape) -> ForwardGra
     # Open means no shape, or a symbolic size beyond the batch axis (a view to runtime Shape values, as a
     # TorchScript-exported channel shuffle has): the rules need every non-batch size.
     unknown = [n for n in floats if n not in fwd.shapes or None in fwd.shapes[n][1:]]
-    if unknown or (dims[0] is None and floats):  # a dynamic batch must also be seen to run at batch 2
+    # A dynamic batch must also be seen to run at batch 2, unless inference carried it symbolically through every
+    # float tensor computed from the image: a hard-coded batch (a Reshape to [1, -1]) leaves a static size there.
+    if unknown or (dims[0] is None and floats and not _carries_batch(fwd, floats)):
         try:
             fwd.shapes.update(_probe_shapes(proto, image_name, dims, unknown or floats[-1:], fwd.dtypes))
         except _CannotRun as why:  # not fatal here: an unsupported operator is reported by name later
@@ -440,6 +461,15 @@ def _prepare(proto: onnx.ModelProto, image_name: str, dims: Shape) -> ForwardGra
         if out.name in fwd.shapes:
             _set_dims(out, fwd.shapes[out.name])
     return fwd
+
+
+def _carries_batch(fwd: ForwardGraph, floats: list[str]) -> bool:
+    """Whether every float tensor computed from the image has a symbolic (dynamic) first dimension."""
+    reached = {fwd.input_name}
+    for node in fwd.graph.node:  # graph order is topological
+        if any(i in reached for i in node.input):
+            reached.update(o for o in node.output if o)
+    return all(len(fwd.shapes[n]) > 0 and fwd.shapes[n][0] is None for n in floats if n in reached)
 
 
 def _show(dims: Shape) -> str:

@@ -45,6 +45,10 @@ def session_options(threads: int | None = None, optimization: str = "all"):
     }[optimization]
     if threads:
         opts.intra_op_num_threads = threads
+    # Idle pool threads sleep instead of spinning. A backward graph runs hundreds of small elementwise ops between
+    # its convolutions, and on a shared CPU the spinning threads took cores from the thread doing the work: guided
+    # maps ran 15-40% faster without spinning in tools/bench.py (docs/benchmarks.md), plain inference as fast.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return opts
 

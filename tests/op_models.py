@@ -826,6 +826,8 @@ case("MaxPool/3x3_s2_ceil_mode", (3, 8, 8), sample=DISTINCT)(lambda g: _max_pool
 case("MaxPool/3x3_s2_ceil_mode_pads1", (3, 8, 7), sample=DISTINCT)(
     lambda g: _max_pool(g, [3, 3], [2, 2], [1, 1, 1, 1], ceil_mode=1))
 case("MaxPool/2x2_s2", (3, 6, 6), sample=DISTINCT)(lambda g: _max_pool(g, [2, 2], [2, 2]))
+case("MaxPool/2x2_s3_pads1", (3, 8, 7), sample=DISTINCT)(  # windows apart: the MaxUnpool form
+    lambda g: _max_pool(g, [2, 2], [3, 3], [1, 1, 1, 1]))
 case("MaxPool/3x3_s1_p1_inception", (3, 6, 6), sample=DISTINCT)(lambda g: _max_pool(g, [3, 3], None, [1, 1, 1, 1]))
 case("MaxPool/dilations2", (3, 7, 7), sample=DISTINCT)(lambda g: _max_pool(g, [2, 2], [1, 1], dilations=[2, 2]))
 case("MaxPool/dilations2_s2_pads1", (3, 8, 8), sample=DISTINCT)(
