@@ -614,7 +614,7 @@ def _global_average_pool(s: Step) -> Grads:
 def _max_pool(s: Step) -> Grads:
     """Scatter dy back to the argmax of each window, from the forward MaxPool's own Indices output.
     ScatterElements adds where windows overlap (MaxUnpool would overwrite and lose gradient); where they cannot
-    overlap (VGG's 2x2/2), every input cell feeds one window at most, and MaxUnpool does the same at a sixth of
+    overlap (VGG's 2x2/2), every input cell feeds one window at most, and MaxUnpool does the same at an eighth of
     the cost on ONNX Runtime."""
     if s.attr("storage_order", 0):
         s.fail("MaxPool with storage_order=1")

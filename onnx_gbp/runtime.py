@@ -47,7 +47,8 @@ def session_options(threads: int | None = None, optimization: str = "all"):
         opts.intra_op_num_threads = threads
     # Idle pool threads sleep instead of spinning. A backward graph runs hundreds of small elementwise ops between
     # its convolutions, and on a shared CPU the spinning threads took cores from the thread doing the work: guided
-    # maps ran 15-40% faster without spinning in tools/bench.py (docs/benchmarks.md), plain inference as fast.
+    # maps of MobileNetV2, EfficientNet-Lite0 and ResNet-50 ran 16-38% faster without it, plain inference as fast
+    # (docs/benchmarks.md).
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return opts
@@ -171,6 +172,8 @@ class Explainer:
                        meta["target"]["target_input"], int(np.prod(fwd.shapes[scores][1:])))
         self._built[tuple(fwd.input_shape[1:])] = built
         self._built.setdefault(None, built)
+        if not self._symbolic_spatial:  # no other input size will come: drop the source's copy of the weights
+            self._source = None
         return built
 
     @property
