@@ -274,31 +274,21 @@ def _static_sizes(fwd: ForwardGraph, shape_node: onnx.NodeProto, indices: np.nda
 
 def _fold(fwd: ForwardGraph, node: onnx.NodeProto) -> np.ndarray | None:
     """Evaluate a small op on constant inputs with ONNX's reference implementation."""
-    values = [fwd.const_value(i) if i else None for i in node.input]
-    if any(v is None for i, v in zip(node.input, values) if i):
+    feeds = {name: fwd.const_value(name) for name in node.input if name}
+    if any(v is None for v in feeds.values()):
         return None
     from onnx.reference import ReferenceEvaluator
 
     graph = onnx.helper.make_graph(
         [node], "fold",
-        [onnx.helper.make_tensor_value_info(f"in{k}", onnx.helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
-         for k, v in enumerate(values) if v is not None],
+        [onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+         for name, v in feeds.items()],
         [onnx.helper.make_tensor_value_info(node.output[0], onnx.TensorProto.UNDEFINED, None)],
     )
-    renamed = copy.deepcopy(node)
-    feeds, k = {}, 0
-    for pos, name in enumerate(node.input):
-        if name:
-            renamed.input[pos] = f"in{pos}"
-            feeds[f"in{pos}"] = values[pos]
-            k += 1
-    graph.node[0].CopyFrom(renamed)
-    for vi, (key, val) in zip(graph.input, feeds.items()):
-        vi.name = key
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", fwd.opset)])
     try:
-        return ReferenceEvaluator(model).run(None, feeds)[0]
-    except Exception:
+        return ReferenceEvaluator(model).run([node.output[0]], feeds)[0]
+    except Exception:  # an op the reference cannot run on these values: not a constant we can use
         return None
 
 
