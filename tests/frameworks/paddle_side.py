@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
@@ -24,13 +23,12 @@ import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 import paddle.nn as nn  # noqa: E402
 import paddle.nn.functional as F  # noqa: E402
+from side_common import METHODS, TARGETS, main, write_gated_references  # noqa: E402
 
 SEED = 1234
 BATCH = 2
 SIZE = 32
 OPSET = 17
-METHODS = ("guided", "deconvnet", "vanilla")
-TARGETS = ("class", "neuron", "channel")
 NEURON_CALL = 2  # the intermediate target: the output of the third ReLU (after the residual add)
 
 
@@ -226,33 +224,13 @@ def cmd_export(out: Path, names: list[str]) -> None:
 
 
 def cmd_reference(out: Path) -> None:
-    manifest = json.loads((out / "manifest.json").read_text())
-    for name, info in manifest["models"].items():
-        d = out / name
-        model = build(name)
-        saved = np.load(d / "reference.npz")
-        x = saved["x"]
-        arrays = {}
-        for target in TARGETS:
-            with np.load(d / f"gates_{target}.npz") as z:
-                gates = [z[f"g{i}"] for i in range(len(z.files))]
-            for method in METHODS:
-                grad, chosen, logits, patch = reference_maps(model, x, method, target, gates, channel=info["channel"])
-                if not np.array_equal(logits, saved["logits"]):
-                    raise RuntimeError(f"{name}: the rebuilt model's logits differ from the exported one's")
-                if patch.calls != len(gates):
-                    raise RuntimeError(f"{name}: {patch.calls} ReLU calls, {len(gates)} gates")
-                arrays[f"gated_{target}_{method}"] = grad
-                arrays[f"gated_chosen_{target}"] = chosen
-        np.savez(d / "reference_gated.npz", **arrays)
-        print(f"[paddle] {name}: reference with ONNX Runtime's gates", flush=True)
+    def run(model, info, saved, method, target, gates):
+        grad, chosen, logits, patch = reference_maps(model, saved["x"], method, target, gates, channel=info["channel"])
+        if not np.array_equal(logits, saved["logits"]):
+            raise RuntimeError("the rebuilt model's logits differ from the exported one's")
+        return grad, chosen, patch.calls
 
+    write_gated_references(out, "paddle", lambda name, d: build(name), run)
 
 if __name__ == "__main__":
-    command, directory = sys.argv[1], Path(sys.argv[2])
-    if command == "export":
-        cmd_export(directory, sys.argv[3:] or list(MODELS))
-    elif command == "reference":
-        cmd_reference(directory)
-    else:
-        raise SystemExit(__doc__)
+    main(__doc__, cmd_export, cmd_reference, list(MODELS))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -28,11 +27,10 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
 from keras import layers  # noqa: E402
+from side_common import METHODS, TARGETS, main, write_gated_references  # noqa: E402
 
 SEED = 1234
 BATCH = 2
-METHODS = ("guided", "deconvnet", "vanilla")
-TARGETS = ("class", "neuron", "channel")
 
 #: name -> (builder, input size, opset, Keras layer whose output holds the intermediate-neuron target)
 MODELS = {
@@ -295,32 +293,17 @@ def cmd_export(out: Path, names: list[str]) -> None:
 
 
 def cmd_reference(out: Path) -> None:
-    manifest = json.loads((out / "manifest.json").read_text())
-    for name, info in manifest["models"].items():
-        d = out / name
+    def load(name: str, d: Path) -> keras.Model:
         model = build(name)
         model.load_weights(str(d / "model.weights.h5"))
-        x = np.load(d / "reference.npz")["x"]
-        arrays = {}
-        for target in TARGETS:
-            with np.load(d / f"gates_{target}.npz") as z:
-                gates = [z[f"g{i}"] for i in range(len(z.files))]
-            for method in METHODS:
-                grad, chosen, patch = reference_maps(model, info["layer"], x, method, target, gates,
-                                                     channel=info["channel"])
-                if patch.calls != len(gates):
-                    raise RuntimeError(f"{name}: {patch.calls} ReLU calls, {len(gates)} gates")
-                arrays[f"gated_{target}_{method}"] = grad
-                arrays[f"gated_chosen_{target}"] = chosen
-        np.savez(d / "reference_gated.npz", **arrays)
-        print(f"[tf] {name}: reference with ONNX Runtime's gates", flush=True)
+        return model
 
+    def run(model, info, saved, method, target, gates):
+        grad, chosen, patch = reference_maps(model, info["layer"], saved["x"], method, target, gates,
+                                             channel=info["channel"])
+        return grad, chosen, patch.calls
+
+    write_gated_references(out, "tf", load, run)
 
 if __name__ == "__main__":
-    command, directory = sys.argv[1], Path(sys.argv[2])
-    if command == "export":
-        cmd_export(directory, sys.argv[3:] or list(MODELS))
-    elif command == "reference":
-        cmd_reference(directory)
-    else:
-        raise SystemExit(__doc__)
+    main(__doc__, cmd_export, cmd_reference, list(MODELS))
