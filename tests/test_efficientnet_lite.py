@@ -15,16 +15,8 @@ import numpy as np
 import pytest
 import torch
 import zoo_torch as zoo
+from torch_reference import one_torch_thread  # noqa: F401 (autouse fixture)
 from torch_reference import COS_TOL, FORWARD_TOL, METHODS, REL_TOL, cosine, rel_err
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Torch's float64 kernels stall for seconds with two threads on a loaded two-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

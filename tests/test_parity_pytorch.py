@@ -25,6 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import zoo_torch as zoo
+from torch_reference import one_torch_thread  # noqa: F401 (autouse fixture)
 from torch_reference import (
     COS_TOL,
     FORWARD_TOL,
@@ -41,15 +42,6 @@ from torch_reference import (
 #: Models whose dynamo export also runs without -m slow: one per ReLU form (Relu, Clip, Max) and the
 #: model with a channel split.
 FAST_DYNAMO = {"resnet18", "mobilenet_v2", "unet", "shufflenet_v2"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Torch's float64 kernels stall for seconds with two threads on a loaded two-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -493,3 +494,12 @@ def captum_maps(model64: torch.nn.Module, x: np.ndarray, targets: np.ndarray) ->
         warnings.simplefilter("ignore")
         return {"guided": GuidedBackprop(model).attribute(xt, target=target).detach().numpy(),
                 "deconvnet": Deconvolution(model).attribute(xt, target=target).detach().numpy()}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """For the test modules that import it: torch's float64 kernels stall for seconds with two threads on a loaded two-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
