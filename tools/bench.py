@@ -12,6 +12,11 @@ Contenders, all on the same network with the same weights and the same thread co
   three       onnx-gbp, guided + deconvnet + vanilla in one graph
   captum      Captum GuidedBackprop on the PyTorch module, eager mode (torch.set_num_threads)
   onnx2torch  what a user with only the .onnx file has today: onnx2torch.convert, then Captum GuidedBackprop
+and, when asked for with --contenders, two ways to run the guided graph that may pay on a GPU:
+  guided-iobinding  the same graph through ONNX Runtime's IO binding: the batch bound from host memory, only the
+                    map bound as an output (in device memory) and copied back
+  guided-fp16       the guided graph converted to float16 (onnxruntime.transformers.float16, float32 inputs and
+                    outputs kept); its cosine with the float32 map is reported
 and the time to build the augmented model (onnx_gbp.build_model, from the .onnx file, in memory).
 
 Timing: every contender runs once to warm up, then the contenders take turns (round-robin, the order rotating each
@@ -60,6 +65,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import bench_models  # noqa: E402
 
 CONTENDERS = ("forward", "guided", "three", "captum", "onnx2torch")
+VARIANTS = ("guided-iobinding", "guided-fp16")  # opt-in: --contenders ... guided-iobinding guided-fp16
+#: Ops ONNX Runtime's CPU provider has no float16 kernel for (in the form the guided graph uses them): left in float32.
+CPU_FP32_OPS = ["ScatterElements"]
 THREE = ("guided", "deconvnet", "vanilla")
 BUNDLED = {"efficientnet_lite0": ROOT / "models" / "efficientnet_lite0.onnx"}
 SIZE = 224
@@ -102,6 +110,8 @@ def torch_device(provider: str) -> str:
 
 def make_contender(kind: str, setup: Setup):
     """A callable (x: np.ndarray, targets: np.ndarray) -> map or outputs, with everything heavy built up front."""
+    if kind in VARIANTS:
+        return _guided_variant(kind, setup)
     if kind in ("forward", "guided", "three"):
         import onnx
 
@@ -138,6 +148,38 @@ def make_contender(kind: str, setup: Setup):
         xt = torch.from_numpy(x).to(device)
         out = gbp.attribute(xt, target=torch.from_numpy(targets).to(device))
         return out.detach().cpu().numpy()
+
+    return run
+
+
+def _guided_variant(kind: str, setup: Setup):
+    import onnxruntime as ort
+
+    from onnx_gbp.export import build_model, read_metadata, saliency_name
+    from onnx_gbp.runtime import make_session
+
+    model = build_model(str(setup.onnx_path), methods=("guided",))
+    target_input = read_metadata(model)["target"]["target_input"]
+    if kind == "guided-fp16":
+        from onnxruntime.transformers import float16
+
+        blocked = list(float16.DEFAULT_OP_BLOCK_LIST) + (CPU_FP32_OPS if setup.provider == "cpu" else [])
+        model = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=blocked)
+    session = make_session(model, setup.provider, setup.threads)
+    name = session.get_inputs()[0].name
+    if kind == "guided-fp16":
+        return lambda x, targets: session.run([saliency_name("guided")], {name: x, target_input: targets})[0]
+
+    device = torch_device(setup.provider)
+    binding = session.io_binding()
+
+    def run(x, targets):
+        binding.bind_cpu_input(name, x)  # host arrays: ONNX Runtime copies them to the device itself
+        # the target input has a default (an initializer), so the runtime takes it only as an OrtValue
+        binding.bind_ortvalue_input(target_input, ort.OrtValue.ortvalue_from_numpy(targets, device, 0))
+        binding.bind_output(saliency_name("guided"), device)
+        session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
 
     return run
 
@@ -307,7 +349,7 @@ def bench_model(name: str, args, workdir: Path, log) -> dict:
                     traceback.print_exc()
                 del live[kind]
         if "guided" in maps:
-            for kind in ("three", "captum", "onnx2torch"):
+            for kind in ("three", "captum", "onnx2torch", *VARIANTS):
                 if kind in maps:
                     cells[kind].cosine = cosine(maps[kind], maps["guided"])
         del maps
@@ -386,9 +428,34 @@ def tables(results: list[dict], args) -> str:
             for k in CONTENDERS:
                 if k in c and c[k].get("memory_error"):
                     notes.append(f"- {res['model']} batch {batch}, memory of {k}: {c[k]['memory_error']}")
+    lines += _variant_table(results, notes)
     if notes:
         lines += ["", "Failures:", ""] + notes
     return "\n".join(lines) + "\n"
+
+
+def _variant_table(results: list[dict], notes: list[str]) -> list[str]:
+    """IO binding and float16 against the plain guided run, where they were measured."""
+    rows = []
+    for res in results:
+        for batch, data in res["batches"].items():
+            c = data["cells"]
+            if not any(k in c for k in VARIANTS):
+                continue
+            m = {k: _median(c[k]) if k in c else None for k in ("guided", *VARIANTS)}
+            cos = [c.get(k, {}).get("cosine") for k in VARIANTS]
+            rows.append(f"| {res['model']} | {batch} | " + " | ".join(_ms(c[k]) if k in c else "–" for k in
+                                                                     ("guided", *VARIANTS))
+                        + f" | {_ratio(m['guided-iobinding'], m['guided'])} | {_ratio(m['guided-fp16'], m['guided'])}"
+                        + "".join(f" | {'–' if v is None else f'{v:.6f}'}" for v in cos) + " |")
+            notes += [f"- {res['model']} batch {batch}, {k}: {c[k]['error']}" for k in VARIANTS
+                      if k in c and c[k].get("error")]
+    if not rows:
+        return []
+    return ["", "The guided graph run through IO binding and in float16, against the plain guided run:", "",
+            "| model | batch | guided | guided, IO binding | guided, float16 | IO binding / guided | "
+            "float16 / guided | cos IO binding | cos float16 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            *rows]
 
 
 def machine() -> dict:
@@ -425,13 +492,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export-repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="ONNX Runtime and torch threads")
     parser.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS + VARIANTS)
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory probes")
     parser.add_argument("--workdir", type=Path, help="where exported models are kept (reused between runs)")
     parser.add_argument("--markdown", type=Path, help="write the tables as Markdown to this file")
     parser.add_argument("--json", type=Path, help="write every sample and the machine description as JSON")
     parser.add_argument("--verbose", action="store_true")
-    parser.add_argument("--probe", choices=CONTENDERS, help=argparse.SUPPRESS)
+    parser.add_argument("--probe", choices=CONTENDERS + VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--probe-onnx", help=argparse.SUPPRESS)
     parser.add_argument("--probe-torch", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
